@@ -191,7 +191,7 @@ def run_partition(root: DatasetRoot, stage: Stage, part: Partition) -> Outcome:
         result = stage.run(ctx)
         outcome = _commit(root, stage, part, fp, result, scratch, started)
     except Exception as exc:  # the stage's own error: recorded, and the run goes on
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        detail = f"{type(exc).__name__}: {exc}"
         return _fail(root, stage, part, fp, detail, started, traceback.format_exc())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

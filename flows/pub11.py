@@ -1,0 +1,68 @@
+"""The PUB11 branch: web metadata through every enabled stage, partition by partition."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.registry import SEQUENTIAL_STAGES, StageFactory
+from flows.runner import run_stage, summary_line
+from schemas.config import BuildConfig
+from storage.root import DatasetRoot
+from storage.stage import Outcome, Partition
+
+
+def run_pub11(
+    root: DatasetRoot,
+    config: BuildConfig,
+    partitions: Sequence[Partition],
+    show_progress: bool = True,
+) -> dict[str, list[Outcome]]:
+    """Each enabled stage in order over the partitions its upstream completed in this run."""
+    logger = get_run_logger()
+    factory = StageFactory(config, root)
+    results: dict[str, list[Outcome]] = {}
+    ready = list(partitions)
+    for stage_name in factory.enabled_stages():
+        outcomes = run_stage(
+            root,
+            lambda p, s=stage_name: factory.make(s, p),
+            stage_name,
+            ready,
+            retries=config.run.retries,
+            sequential=stage_name in SEQUENTIAL_STAGES,
+            show_progress=show_progress,
+        )
+        blocked = [p for p in partitions if p not in ready]
+        outcomes += [
+            Outcome(stage_name, p.id, "pending", error="an earlier stage did not complete")
+            for p in blocked
+        ]
+        results[stage_name] = outcomes
+        line = summary_line(stage_name, outcomes)
+        logger.info(line)
+        print(line, flush=True)
+        for o in outcomes:
+            if o.status == "failed":
+                print(f"  failed {o.partition}: {o.error}", flush=True)
+        ok = {o.partition for o in outcomes if o.status in ("done", "skipped")}
+        ready = [p for p in ready if p.id in ok]
+    return results
+
+
+@flow(name="pub11", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def pub11_flow(config: dict, root: str, show_progress: bool = True) -> dict[str, dict[str, int]]:
+    """Prefect entry point of the branch (a subflow of ``build``, or run alone)."""
+    from flows.partitions import discover
+
+    cfg = BuildConfig.model_validate(config)
+    results = run_pub11(DatasetRoot(root), cfg, discover(cfg), show_progress)
+    return {stage: _counts(outs) for stage, outs in results.items()}
+
+
+def _counts(outcomes: Sequence[Outcome]) -> dict[str, int]:
+    from storage.stage import summarize
+
+    return summarize(outcomes)
