@@ -46,7 +46,9 @@ def build_flow(
         catalog.write_plan(
             dataset,
             stages=cfg.run.stages,
-            partitions=[{"source": p.source, "name": p.name, "raw_input": p.raw_input} for p in partitions],
+            partitions=[
+                {"source": p.source, "name": p.name, "raw_input": p.raw_input} for p in partitions
+            ],
         )
         runner = ThreadPoolTaskRunner(max_workers=cfg.run.workers)
         stage_counts = pub11_flow.with_options(task_runner=runner)(

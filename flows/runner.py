@@ -67,13 +67,16 @@ def run_stage(
     try:
         if sequential:
             for part in partitions:
-                fut = submit.submit(root.url, stage_for(part), part, stage_name, part.id, retries + 1)
+                fut = submit.submit(
+                    root.url, stage_for(part), part, stage_name, part.id, retries + 1
+                )
                 fut.wait()
                 outcomes.append(_outcome_of(fut, stage_name, part))
                 bar.update()
         else:
             futures = {
-                submit.submit(root.url, stage_for(p), p, stage_name, p.id, retries + 1): p for p in partitions
+                submit.submit(root.url, stage_for(p), p, stage_name, p.id, retries + 1): p
+                for p in partitions
             }
             for fut in as_completed(list(futures)):
                 outcomes.append(_outcome_of(fut, stage_name, futures[fut]))

@@ -32,19 +32,31 @@ def format_rows(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) ->
     """Rows as an aligned text table, CSV or JSON; ``None`` prints as an empty cell."""
     if fmt == "json":
         return json.dumps([{c: r.get(c) for c in columns} for r in rows], indent=1)
-    cells = [["" if r.get(c) is None else _cell(r.get(c)) for c in columns] for r in rows]
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(columns)
-        writer.writerows(cells)
+        writer.writerows([["" if r.get(c) is None else r.get(c) for c in columns] for r in rows])
         return buf.getvalue().rstrip("\n")
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
-              for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths, strict=True)))]
+    cells = [["" if r.get(c) is None else _cell(r.get(c)) for c in columns] for r in rows]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+        for i, c in enumerate(columns)
+    ]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(columns, widths, strict=True))
+        )
+    ]
     lines.append("  ".join("-" * w for w in widths))
     for row in cells:
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))))
+        lines.append(
+            "  ".join(
+                v.ljust(w) if i == 0 else v.rjust(w)
+                for i, (v, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
     return "\n".join(lines)
 
 
@@ -116,7 +128,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"nothing built yet under {root.url}")
         return 0
     rows = [
-        {"stage": e.stage, "source": e.source, "done": e.done, "failed": e.failed, "pending": e.pending}
+        {
+            "stage": e.stage,
+            "source": e.source,
+            "done": e.done,
+            "failed": e.failed,
+            "pending": e.pending,
+        }
         for e in entries
     ]
     print(format_rows(rows, ["stage", "source", "done", "failed", "pending"], "table"))

@@ -82,7 +82,14 @@ ADAPTERS: dict[str, SourceAdapter] = {
             width=_q("WIDTH"),
             height=_q("HEIGHT"),
             required=("URL", "top_caption"),
-            keep=("TEXT", "all_captions", "all_similarities", "similarity", "punsafe", "pwatermark"),
+            keep=(
+                "TEXT",
+                "all_captions",
+                "all_similarities",
+                "similarity",
+                "punsafe",
+                "pwatermark",
+            ),
         ),
         SourceAdapter(
             name="coyo700m",

@@ -226,7 +226,9 @@ def status(con: duckdb.DuckDBPyConnection, root: DatasetRoot) -> list[StageStatu
 
 def write_plan(root: DatasetRoot, stages: list[str], partitions: list[dict[str, Any]]) -> None:
     """Record what the current build intends to produce (read by :func:`status`)."""
-    root.write_json(root.join("builds", "latest.json"), {"stages": stages, "partitions": partitions})
+    root.write_json(
+        root.join("builds", "latest.json"), {"stages": stages, "partitions": partitions}
+    )
 
 
 def dumps_rows(rows: list[dict[str, Any]]) -> str:

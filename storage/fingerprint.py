@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import duckdb
+import fsspec
 
 
 def fingerprint(stage: str, version: str, params: dict[str, Any], inputs: dict[str, str]) -> str:
@@ -16,8 +17,10 @@ def fingerprint(stage: str, version: str, params: dict[str, Any], inputs: dict[s
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def file_digest(fs: Any, path: str) -> str:
-    """Digest of a raw input file from its path, size and modification time (no full read)."""
+def file_digest(url: str) -> str:
+    """Digest of a raw input file (any fsspec URL) from its path, size and modification time,
+    without reading it."""
+    fs, path = fsspec.core.url_to_fs(url)
     info = fs.info(path)
     stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
     return fingerprint("file", "1", {"path": path, "size": info.get("size")}, {"mtime": str(stamp)})

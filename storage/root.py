@@ -117,12 +117,11 @@ class DatasetRoot:
                 self.fs.rm(tmp)
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        with self.atomic_path(path) as tmp:
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-                if self.is_local:
-                    f.flush()
-                    os.fsync(f.fileno())
+        with self.atomic_path(path) as tmp, self.fs.open(tmp, "wb") as f:
+            f.write(data)
+            if self.is_local:
+                f.flush()
+                os.fsync(f.fileno())
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
@@ -143,10 +142,12 @@ class DatasetRoot:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=recursive)
 
-    def remove_stale_temporaries(self, directory: str) -> None:
-        """Delete ``*.tmp-*`` files left in ``directory`` by killed writers."""
+    def remove_stale_temporaries(self, directory: str, prefix: str) -> None:
+        """Delete ``<prefix>*.tmp-*`` files left in ``directory`` by killed writers (only the
+        caller's own: other partitions may be writing beside them)."""
         if not self.fs.exists(directory):
             return
         for path in self.fs.ls(directory, detail=False):
-            if ".tmp-" in posixpath.basename(path):
+            name = posixpath.basename(path)
+            if name.startswith(prefix) and ".tmp-" in name:
                 self.fs.rm(path, recursive=True)

@@ -116,8 +116,8 @@ class Outcome:
 
 def _input_digests(root: DatasetRoot, stage: Stage, part: Partition) -> dict[str, str]:
     digests: dict[str, str] = {}
-    if part.raw_input is not None:
-        digests["raw"] = file_digest(root.fs, part.raw_input)
+    if part.raw_input is not None and not stage.inputs:  # only a first stage reads the raw file
+        digests["raw"] = file_digest(part.raw_input)
     for upstream in stage.inputs:
         marker = root.read_json(root.marker_path(upstream, part.source, part.name))
         if marker is None:
@@ -183,8 +183,8 @@ def run_partition(root: DatasetRoot, stage: Stage, part: Partition) -> Outcome:
             stage.name, part.id, "skipped", counts.get("rows_out", 0), counts.get("removed", 0)
         )
 
-    stage_dir = root.stage_dir(stage.name, part.source)
-    root.remove_stale_temporaries(stage_dir)
+    root.remove_stale_temporaries(root.stage_dir(stage.name, part.source), f"{part.name}.")
+    root.remove_stale_temporaries(root.join("ledger", stage.name, part.source), f"{part.name}.")
     scratch = Path(tempfile.mkdtemp(prefix=f"rs5m-{stage.name}-"))
     try:
         ctx = StageContext(root=root, partition=part, scratch=scratch, stage=stage.name)

@@ -75,8 +75,12 @@ class KeywordFilterStage(Stage):
             rows_in = self._scalar(con, path, f"SELECT count(*) FROM {relation}")
             mapped = self._mapped_sql(ctx, relation, present)
             hits = str(ctx.scratch / "hits.parquet")
-            self._execute(con, path, present, f"COPY ({self._hits_sql(mapped)}) TO '{hits}' "
-                          "(FORMAT parquet, COMPRESSION zstd)")
+            self._execute(
+                con,
+                path,
+                present,
+                f"COPY ({self._hits_sql(mapped)}) TO '{hits}' (FORMAT parquet, COMPRESSION zstd)",
+            )
             out = str(ctx.scratch / "candidates.parquet")
             con.execute(
                 f"COPY (SELECT * EXCLUDE (_drop) FROM read_parquet('{hits}') WHERE _drop IS NULL)"
@@ -87,7 +91,9 @@ class KeywordFilterStage(Stage):
                 f"length(caption)) AS detail FROM read_parquet('{hits}') WHERE _drop IS NOT NULL"
             ).to_arrow_table()
             missing = self._scalar(
-                con, path, f"SELECT count(*) FROM ({mapped}) WHERE nullif(trim(caption), '') IS NULL"
+                con,
+                path,
+                f"SELECT count(*) FROM ({mapped}) WHERE nullif(trim(caption), '') IS NULL",
             )
         return StageResult(
             output=out,
@@ -103,8 +109,16 @@ class KeywordFilterStage(Stage):
         extras = "".join(
             f', "{c}" AS "{c.lower()}"' for c in a.keep if c in present and c not in a.required
         )
-        width = f"TRY_CAST({a.width} AS BIGINT)" if a.width and _cols_in(a.width, present) else "NULL::BIGINT"
-        height = f"TRY_CAST({a.height} AS BIGINT)" if a.height and _cols_in(a.height, present) else "NULL::BIGINT"
+        width = (
+            f"TRY_CAST({a.width} AS BIGINT)"
+            if a.width and _cols_in(a.width, present)
+            else "NULL::BIGINT"
+        )
+        height = (
+            f"TRY_CAST({a.height} AS BIGINT)"
+            if a.height and _cols_in(a.height, present)
+            else "NULL::BIGINT"
+        )
         where = f" WHERE {a.filter}" if a.filter and _cols_in(a.filter, present) else ""
         return (
             f"SELECT {source} AS source, {part} AS partition, ({a.url})::VARCHAR AS url, "
@@ -115,9 +129,10 @@ class KeywordFilterStage(Stage):
     def _hits_sql(self, mapped: str) -> str:
         keep = self.vocab.sql_keep("caption")
         too_long = f"length(caption) > {self.max_caption_chars}"
+        matched = self.vocab.sql_matched("caption")
         return (
             f"SELECT {uid_sql('__SOURCE__')} AS uid, source, partition, url, caption, width, "
-            f"height, CASE WHEN {too_long} THEN []::VARCHAR[] ELSE {self.vocab.sql_matched('caption')}"
+            f"height, CASE WHEN {too_long} THEN []::VARCHAR[] ELSE {matched}"
             " END AS keywords, * EXCLUDE (source, partition, url, caption, width, height), "
             f"CASE WHEN {too_long} THEN 'caption_too_long' "
             "WHEN nullif(trim(url), '') IS NULL THEN 'missing_url' END AS _drop "
@@ -126,18 +141,22 @@ class KeywordFilterStage(Stage):
         ).replace("'__SOURCE__'", "source")
 
     # -- errors that name the file and the column ----------------------------------------------
-    def _check_columns(self, con: duckdb.DuckDBPyConnection, path: str, relation: str) -> dict[str, str]:
+    def _check_columns(
+        self, con: duckdb.DuckDBPyConnection, path: str, relation: str
+    ) -> dict[str, str]:
         try:
             described = con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()
         except duckdb.Error as exc:
-            raise BadInputError(f"{path}: cannot be read as {self.adapter.title} metadata: "
-                                f"{_first_line(exc)}") from None
+            raise BadInputError(
+                f"{path}: cannot be read as {self.adapter.title} metadata: {_first_line(exc)}"
+            ) from None
         present = {row[0]: row[1] for row in described}
         for column in self.adapter.required:
             if column not in present:
                 raise BadInputError(
                     f"{path}: column {column!r} is missing ({self.adapter.title} needs "
-                    f"{', '.join(self.adapter.required)}; the file has {', '.join(present) or 'none'})"
+                    f"{', '.join(self.adapter.required)}; "
+                    f"the file has {', '.join(present) or 'no columns'})"
                 )
         for column in self.adapter.string_columns:
             if present[column] != "VARCHAR":

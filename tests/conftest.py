@@ -28,3 +28,22 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.skip(f"shared fixtures not found at {FIXTURES} (a plain clone has none)")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect API for every in-process flow run of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict[str, str]:
+    """Environment for running ``rs5m`` in a subprocess with its own Prefect home."""
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
