@@ -52,7 +52,7 @@ def build_flow(
         )
         runner = ThreadPoolTaskRunner(max_workers=cfg.run.workers)
         stage_counts = pub11_flow.with_options(task_runner=runner)(
-            config=cfg.model_dump(mode="json"), root=dataset.url, show_progress=show_progress
+            config=cfg.model_dump(mode="json", by_alias=True), root=dataset.url, show_progress=show_progress
         )
         rows = publish_statistics(dataset)
     if rows:

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from schemas.config import BuildConfig
-from schemas.tables import DEDUP, KEYWORD_FILTER, PUB11_STAGES
+from schemas.tables import (
+    DEDUP,
+    DOWNLOAD,
+    FEATURES,
+    GEOTAG,
+    KEYWORD_FILTER,
+    OUTLIERS,
+    PUB11_STAGES,
+    VALIDATE,
+)
 from storage.root import DatasetRoot
 from storage.stage import Partition, Stage
 
@@ -13,8 +22,9 @@ SEQUENTIAL_STAGES = frozenset({DEDUP})
 class StageFactory:
     """Builds (and caches) the stage objects of one build."""
 
-    def __init__(self, config: BuildConfig, root: DatasetRoot):
+    def __init__(self, config: BuildConfig, root: DatasetRoot, retry_failed: bool = False):
         self.config = config
+        self.retry_failed = retry_failed
         self.root = root
         self._cache: dict[tuple[str, str], Stage] = {}
 
@@ -46,4 +56,30 @@ class StageFactory:
                 memory_limit=kw.duckdb_memory_limit,
                 threads=kw.duckdb_threads,
             )
+        if stage == DOWNLOAD:
+            from tasks.download import DownloadStage
+
+            return DownloadStage(cfg.download, retry_failed=self.retry_failed)
+        if stage == VALIDATE:
+            from tasks.validate import ValidateStage
+
+            return ValidateStage(cfg.validate_)
+        if stage == FEATURES:
+            from tasks.features import FeaturesStage
+
+            return FeaturesStage(cfg.embed, cfg.phash)
+        if stage == DEDUP:
+            from tasks.dedup import DedupStage
+
+            return DedupStage(cfg.dedup)
+        if stage == OUTLIERS:
+            from tasks.embed import weights_identity
+            from tasks.outliers import OutliersStage
+
+            e = cfg.embed
+            return OutliersStage(cfg.outliers, backbone=weights_identity(e.model_name, e.pretrained, e.checkpoint))
+        if stage == GEOTAG:
+            from tasks.geotag import GeotagStage
+
+            return GeotagStage(cfg.geotag, inputs=(KEYWORD_FILTER,))
         raise ValueError(f"stage {stage!r} is not available in this build")

@@ -20,6 +20,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from schemas.dedup_config import DedupConfig, EmbedConfig, PhashConfig
+from schemas.download_config import DownloadConfig, ValidateConfig
+from schemas.geotag_config import GeotagConfig
+from schemas.outliers_config import OutliersConfig
+from schemas.shard_config import ShardConfig
 from schemas.sources import ADAPTERS
 from schemas.tables import PUB11_STAGES
 
@@ -80,11 +85,23 @@ class BuildConfig(BaseSettings):
     """Everything a build needs. Loaded by :func:`load_config`."""
 
     model_config = SettingsConfigDict(
-        env_prefix="RS5M_", env_nested_delimiter="__", extra="forbid", toml_file=None
+        env_prefix="RS5M_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=None,
+        populate_by_name=True,
     )
 
     sources: list[SourceConfig] = Field(default_factory=list)
     keyword_filter: KeywordFilterConfig = Field(default_factory=KeywordFilterConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    phash: PhashConfig = Field(default_factory=PhashConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    outliers: OutliersConfig = Field(default_factory=OutliersConfig)
+    geotag: GeotagConfig = Field(default_factory=GeotagConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     base_dir: Path = Field(Path("."), description="where relative paths resolve (config's dir)")
 
