@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -13,6 +13,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.partitions import discover
 from flows.pub11 import pub11_flow
 from schemas.config import BuildConfig
+from schemas.tables import DEDUP, GEOTAG, OUTLIERS, VALIDATE
 from storage import catalog
 from storage.lock import build_lock
 from storage.root import DatasetRoot
@@ -32,9 +33,59 @@ def publish_statistics(root: DatasetRoot) -> list[dict[str, Any]]:
     return rows
 
 
+@task(name="shard")
+def shard_task(root_url: str, config: BuildConfig, reshard: bool) -> dict[str, Any]:
+    """Kept samples of every branch into webdataset shards (global, incremental)."""
+    from tasks.shard import build_shards
+
+    kept_from = next((s for s in (OUTLIERS, DEDUP, VALIDATE) if s in config.run.stages), VALIDATE)
+    manifest = build_shards(
+        DatasetRoot(root_url),
+        branches={s.name: s.branch for s in config.sources},
+        config=config.shard,
+        kept_from=kept_from,
+        reshard=reshard,
+    )
+    return {"shards": len(manifest.shards), "samples": sum(s.samples for s in manifest.shards)}
+
+
+def publish_geo_statistics(root: DatasetRoot) -> dict[str, Any] | None:
+    """Places per source and per country, and a PNG map of sample locations, under stats/.
+
+    Counted over the samples in the shards when there are shards, else over every geotagged
+    candidate."""
+    from tasks.geo.stats import places_per_country, places_per_source, write_location_map
+
+    with catalog.connect(root, persistent=False) as con:
+        if not con.execute(
+            "SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [GEOTAG]
+        ).fetchone()[0]:
+            return None
+        samples = root.join("shards", "samples.parquet")
+        if root.exists(samples):
+            keep = f"SELECT uid, source FROM read_parquet('{root.query_url(samples)}')"
+        else:
+            keep = f'SELECT uid, _source AS source FROM "{GEOTAG}"'
+        sources = con.sql(keep).to_arrow_table()
+        geotags = con.sql(
+            f'SELECT g.* EXCLUDE (_source) FROM "{GEOTAG}" g SEMI JOIN ({keep}) k USING (uid)'
+        ).to_arrow_table()
+    per_source = places_per_source(geotags, sources)
+    per_country = places_per_country(geotags)
+    root.write_table(root.join("stats", "places_per_source.parquet"), per_source)
+    root.write_table(root.join("stats", "places_per_country.parquet"), per_country)
+    write_location_map(geotags, root.query_url(root.join("stats", "locations.png")))
+    return {"per_source": per_source.to_pylist(), "countries": per_country.num_rows}
+
+
 @flow(name="build", log_prints=False)
 def build_flow(
-    config: dict[str, Any], root: str, lock_wait: float = 0.0, show_progress: bool = True
+    config: dict[str, Any],
+    root: str,
+    lock_wait: float = 0.0,
+    show_progress: bool = True,
+    retry_failed: bool = False,
+    reshard: bool = False,
 ) -> dict[str, Any]:
     """Run every enabled stage on every partition; only what changed does any work."""
     logger = get_run_logger()
@@ -52,9 +103,17 @@ def build_flow(
         )
         runner = ThreadPoolTaskRunner(max_workers=cfg.run.workers)
         stage_counts = pub11_flow.with_options(task_runner=runner)(
-            config=cfg.model_dump(mode="json", by_alias=True), root=dataset.url, show_progress=show_progress
+            config=cfg.model_dump(mode="json", by_alias=True),
+            root=dataset.url,
+            show_progress=show_progress,
+            retry_failed=retry_failed,
         )
+        shards = None
+        if cfg.run.shard and VALIDATE in cfg.run.stages:
+            shards = shard_task(dataset.url, cfg, reshard)
+            print(f"shard: {shards['samples']:,} samples in {shards['shards']} shards", flush=True)
         rows = publish_statistics(dataset)
+        geo = publish_geo_statistics(dataset)
     if rows:
         create_table_artifact(
             key="rs5m-build-stats",
@@ -69,6 +128,8 @@ def build_flow(
         "failed_partitions": failed,
         "processed_partitions": processed,
         "statistics": rows,
+        "shards": shards,
+        "geo": geo,
         "seconds": round(time.time() - started, 1),
     }
     emit_event(

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.registry import SEQUENTIAL_STAGES, StageFactory
 from flows.runner import run_stage, summary_line
 from schemas.config import BuildConfig
+from schemas.tables import DOWNLOAD
 from storage.root import DatasetRoot
 from storage.stage import Outcome, Partition
+
+
+@task(name="retry-failed-downloads", task_run_name="retry {partition_id}")
+def retry_download_partition(
+    root_url: str, config: BuildConfig, part: Partition, partition_id: str
+) -> Outcome:
+    from tasks.download import retry_failed
+
+    return retry_failed(DatasetRoot(root_url), part, config.download)
 
 
 def run_pub11(
@@ -19,13 +29,28 @@ def run_pub11(
     config: BuildConfig,
     partitions: Sequence[Partition],
     show_progress: bool = True,
+    retry_failed: bool = False,
 ) -> dict[str, list[Outcome]]:
-    """Each enabled stage in order over the partitions its upstream completed in this run."""
+    """Each enabled stage in order over the partitions its upstream completed in this run.
+
+    ``retry_failed`` first refetches, in every committed download partition, the URLs that
+    failed for a transient reason (timeout, 5xx, connection); the stages after it then rerun
+    exactly where that changed something.
+    """
     logger = get_run_logger()
     factory = StageFactory(config, root)
     results: dict[str, list[Outcome]] = {}
     ready = list(partitions)
     for stage_name in factory.enabled_stages():
+        if stage_name == DOWNLOAD and retry_failed:
+            futures = [
+                retry_download_partition.submit(root.url, config, p, p.id)
+                for p in ready
+                if root.exists(root.marker_path(DOWNLOAD, p.source, p.name))
+            ]
+            retried = [f.result(raise_on_failure=False) for f in futures]
+            line = summary_line("download retry", [o for o in retried if isinstance(o, Outcome)])
+            print(line, flush=True)
         outcomes = run_stage(
             root,
             lambda p, s=stage_name: factory.make(s, p),
@@ -53,12 +78,14 @@ def run_pub11(
 
 
 @flow(name="pub11", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def pub11_flow(config: dict, root: str, show_progress: bool = True) -> dict[str, dict[str, int]]:
+def pub11_flow(
+    config: dict, root: str, show_progress: bool = True, retry_failed: bool = False
+) -> dict[str, dict[str, int]]:
     """Prefect entry point of the branch (a subflow of ``build``, or run alone)."""
     from flows.partitions import discover
 
     cfg = BuildConfig.model_validate(config)
-    results = run_pub11(DatasetRoot(root), cfg, discover(cfg), show_progress)
+    results = run_pub11(DatasetRoot(root), cfg, discover(cfg), show_progress, retry_failed)
     return {stage: _counts(outs) for stage, outs in results.items()}
 
 

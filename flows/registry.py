@@ -77,7 +77,9 @@ class StageFactory:
             from tasks.outliers import OutliersStage
 
             e = cfg.embed
-            return OutliersStage(cfg.outliers, backbone=weights_identity(e.model_name, e.pretrained, e.checkpoint))
+            return OutliersStage(
+                cfg.outliers, backbone=weights_identity(e.model_name, e.pretrained, e.checkpoint)
+            )
         if stage == GEOTAG:
             from tasks.geotag import GeotagStage
 

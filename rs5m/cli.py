@@ -69,19 +69,35 @@ def cmd_build(args: argparse.Namespace) -> int:
     from schemas.config import load_config
 
     config = load_config(args.config)
-    return run_build(config, args.root, lock_wait=args.wait, show_progress=not args.quiet)
+    return run_build(
+        config,
+        args.root,
+        lock_wait=args.wait,
+        show_progress=not args.quiet,
+        retry_failed=args.retry_failed,
+        reshard=args.reshard,
+    )
 
 
-def run_build(config: Any, root: str, lock_wait: float = 0.0, show_progress: bool = True) -> int:
+def run_build(
+    config: Any,
+    root: str,
+    lock_wait: float = 0.0,
+    show_progress: bool = True,
+    retry_failed: bool = False,
+    reshard: bool = False,
+) -> int:
     from flows.build import build_flow
     from storage.lock import RootLocked
 
     try:
         summary = build_flow(
-            config=config.model_dump(mode="json"),
+            config=config.model_dump(mode="json", by_alias=True),
             root=root,
             lock_wait=lock_wait,
             show_progress=show_progress,
+            retry_failed=retry_failed,
+            reshard=reshard,
         )
     except RootLocked as exc:
         print(f"rs5m: {exc}", file=sys.stderr)
@@ -146,6 +162,56 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from schemas.config import load_config
+    from storage.root import DatasetRoot
+    from tasks.shard import read_manifest, verify_shards
+
+    shard_cfg = load_config(args.config).shard if args.config else None
+    root = DatasetRoot(args.root)
+    problems = verify_shards(root, shard_cfg)
+    manifest = read_manifest(root, shard_cfg)
+    if problems:
+        for problem in problems:
+            print(f"PROBLEM {problem}")
+        print(f"{len(problems)} problem(s) in the shards of {root.url}", file=sys.stderr)
+        return 1
+    n = len(manifest.shards) if manifest else 0
+    samples = sum(s.samples for s in manifest.shards) if manifest else 0
+    print(f"ok: {n} shards, {samples:,} samples match the manifest")
+    return 0
+
+
+def cmd_train_detector(args: argparse.Namespace) -> int:
+    from flows.train_detector import train_detector_flow
+    from schemas.config import load_config
+
+    embed = load_config(args.config).embed if args.config else None
+    summary = train_detector_flow(
+        positive_dirs=args.positive,
+        negative_dirs=args.negative,
+        out_path=args.out,
+        model_name=args.model or (embed.model_name if embed else "ViT-B-32"),
+        checkpoint=args.checkpoint or (embed.checkpoint if embed else None),
+        pretrained=embed.pretrained if embed and not args.checkpoint else None,
+        device=embed.device if embed else "cpu",
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+    )
+    print(
+        json.dumps({k: v for k, v in summary.items() if not isinstance(v, list | dict)}, indent=1)
+    )
+    return 0
+
+
+def cmd_setup_nltk(args: argparse.Namespace) -> int:
+    from tasks.geotag import setup_nltk
+
+    setup_nltk(args.dir)
+    print("NLTK models installed" + (f" in {args.dir}" if args.dir else ""))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rs5m.demo import run_demo
 
@@ -162,7 +228,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="dataset root: a folder or an fsspec URL")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another build")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="refetch the downloads that failed for a transient reason (timeout, 5xx, connection)",
+    )
+    p.add_argument("--reshard", action="store_true", help="rewrite every shard from scratch")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("verify", help="check every shard against the manifest")
+    p.add_argument("--root", required=True)
+    p.add_argument("--config", help="build config (for a non-default shard folder)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("train-detector", help="train the remote-sensing image detector")
+    p.add_argument("--positive", nargs="+", required=True, help="folders of remote-sensing images")
+    p.add_argument("--negative", nargs="+", required=True, help="folders of other images")
+    p.add_argument("--out", required=True, help="where to save the detector (.json)")
+    p.add_argument("--config", help="build config: its [embed] backbone is used")
+    p.add_argument("--model", help="open_clip model name (overrides the config)")
+    p.add_argument("--checkpoint", help="local checkpoint (overrides the config)")
+    p.add_argument("--test-fraction", type=float, default=0.25)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_detector)
+
+    p = sub.add_parser("setup-nltk", help="download NLTK's NER models (needs a network)")
+    p.add_argument("--dir", help="NLTK data folder (default: NLTK's own)")
+    p.set_defaults(func=cmd_setup_nltk)
 
     p = sub.add_parser("stats", help="the per-source statistics table")
     p.add_argument("--root", required=True)

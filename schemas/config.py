@@ -77,6 +77,7 @@ class RunConfig(BaseModel):
     stages: list[str] = Field(
         default_factory=lambda: list(PUB11_STAGES), description="PUB11 stages to run, in order"
     )
+    shard: bool = Field(True, description="write webdataset shards after the stages")
     workers: int = Field(2, ge=1, description="partitions processed at once per stage")
     retries: int = Field(0, ge=0, description="Prefect retries of a failed partition")
 

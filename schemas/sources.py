@@ -36,6 +36,11 @@ class SourceAdapter:
     headerless: tuple[str, ...] | None = None
     string_columns: tuple[str, ...] = field(default=())
     filter: str | None = None  # an extra row filter (e.g. WIT's English rows)
+    rename: dict[str, str] = field(default_factory=dict)  # kept column -> candidates name
+
+    def kept_name(self, column: str) -> str:
+        """The candidates column a kept source column becomes (lower-cased unless renamed)."""
+        return self.rename.get(column, column.lower())
 
     def __post_init__(self) -> None:
         if not self.string_columns:
@@ -135,6 +140,7 @@ ADAPTERS: dict[str, SourceAdapter] = {
             ),
             required=("downloadurl", "title", "description"),
             keep=("photoid", "longitude", "latitude", "accuracy", "licensename", "datetaken"),
+            rename={"latitude": "lat", "longitude": "lon"},
         ),
         SourceAdapter(
             name="cc12m",

@@ -159,7 +159,8 @@ def statistics(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
             "amount": amount,
             "after_keyword_filter": after,
             "downloaded": downloaded.get(source, 0) if (DOWNLOAD, source) in ran else None,
-            "invalid_removed": removed_by(VALIDATE, source),
+            # images found unreadable only when sharding count as invalid too
+            "invalid_removed": _plus(removed_by(VALIDATE, source), removed.get(("shard", source))),
             "duplicates_removed": removed_by(DEDUP, source),
             "outliers_removed": removed_by(OUTLIERS, source),
         }
@@ -177,6 +178,10 @@ def statistics(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
             total[col] = sum(values) if values else None
         rows.append(total)
     return rows
+
+
+def _plus(a: int | None, b: int | None) -> int | None:
+    return a if not b else (a or 0) + b
 
 
 @dataclass

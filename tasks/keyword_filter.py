@@ -107,7 +107,9 @@ class KeywordFilterStage(Stage):
         source = "'" + ctx.source.replace("'", "''") + "'"
         part = "'" + ctx.partition.name.replace("'", "''") + "'"
         extras = "".join(
-            f', "{c}" AS "{c.lower()}"' for c in a.keep if c in present and c not in a.required
+            f', {_num(c) if c in a.rename else chr(34) + c + chr(34)} AS "{a.kept_name(c)}"'
+            for c in a.keep
+            if c in present and c not in a.required
         )
         width = (
             f"TRY_CAST({a.width} AS BIGINT)"
@@ -187,6 +189,11 @@ class KeywordFilterStage(Stage):
             except duckdb.Error:
                 return column
         return None
+
+
+def _num(column: str) -> str:
+    """A coordinate column as DOUBLE (text files publish them as text)."""
+    return f'TRY_CAST("{column}" AS DOUBLE)'
 
 
 def _cols_in(expr: str, present: dict[str, str]) -> bool:

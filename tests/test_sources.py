@@ -224,7 +224,8 @@ def _write(fmt: str, d: Path) -> tuple[Path, dict]:
         path = d / "yfcc15m-0000.tsv"
         _tsv(path, [row, other], header)
         expect.update(
-            caption="Aerial view. of a harbour with container ships", extra={"latitude": "48.85"}
+            caption="Aerial view. of a harbour with container ships",
+            extra={"lat": 48.85, "lon": 2.35},
         )
     elif fmt in ("cc12m", "cc3m"):
         path = d / f"{fmt}.tsv"

@@ -1,0 +1,1 @@
+"""Helpers of the geo-tagging stage: gazetteer matching, NLTK backend, coordinates, statistics."""
