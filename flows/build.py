@@ -12,7 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.partitions import discover
 from flows.pub11 import pub11_flow
-from schemas.config import BuildConfig
+from schemas.config import BuildConfig, load_config
 from schemas.tables import DEDUP, GEOTAG, OUTLIERS, VALIDATE
 from storage import catalog
 from storage.lock import build_lock
@@ -80,16 +80,18 @@ def publish_geo_statistics(root: DatasetRoot) -> dict[str, Any] | None:
 
 @flow(name="build", log_prints=False)
 def build_flow(
-    config: dict[str, Any],
+    config: dict[str, Any] | str,
     root: str,
     lock_wait: float = 0.0,
     show_progress: bool = True,
     retry_failed: bool = False,
     reshard: bool = False,
 ) -> dict[str, Any]:
-    """Run every enabled stage on every partition; only what changed does any work."""
+    """Run every enabled stage on every partition; only what changed does any work.
+
+    ``config`` is the configuration itself or the path of its TOML file (deployments)."""
     logger = get_run_logger()
-    cfg = BuildConfig.model_validate(config)
+    cfg = load_config(config) if isinstance(config, str) else BuildConfig.model_validate(config)
     dataset = DatasetRoot(root)
     started = time.time()
     with build_lock(dataset, wait=lock_wait):
