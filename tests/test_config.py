@@ -22,7 +22,8 @@ def test_toml_then_environment_overrides(tmp_path, monkeypatch):
     path = _write(
         tmp_path,
         '[[sources]]\nname = "laion2b"\nformat = "laion2b"\npaths = ["meta/*.parquet"]\n'
-        '[[sources]]\nname = "cc12m"\nformat = "cc12m"\npaths = ["meta/c.tsv.gz", "meta/gone.tsv"]\n'
+        '[[sources]]\nname = "cc12m"\nformat = "cc12m"\n'
+        'paths = ["meta/c.tsv.gz", "meta/gone.tsv"]\n'
         "[keyword_filter]\nmax_caption_chars = 1000\n[download]\nthread_count = 7\n"
         "[validate]\nmin_side = 20\n",
     )
