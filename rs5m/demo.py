@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
@@ -77,14 +78,32 @@ def write_demo_metadata(folder: Path, base: str) -> dict[str, list[Path]]:
     laion_a = _rows(base, tiles, 0, 16)
     laion_b = _rows(base, tiles, 16, 30)
     for stem, caption in PHOTO_CAPTIONS.items():
-        laion_a.append({"url": f"{base}/files/photos/{photos[stem].name}", "text": caption,
-                        "width": 384, "height": 384})
+        laion_a.append(
+            {
+                "url": f"{base}/files/photos/{photos[stem].name}",
+                "text": caption,
+                "width": 384,
+                "height": 384,
+            }
+        )
     for stem, caption in MISCAPTIONED.items():
-        laion_b.append({"url": f"{base}/files/photos/{photos[stem].name}", "text": caption,
-                        "width": 384, "height": 384})
+        laion_b.append(
+            {
+                "url": f"{base}/files/photos/{photos[stem].name}",
+                "text": caption,
+                "width": 384,
+                "height": 384,
+            }
+        )
     for stem, caption in FALSE_FRIENDS.items():
-        laion_b.append({"url": f"{base}/files/photos/{photos[stem].name}", "text": caption,
-                        "width": 384, "height": 384})
+        laion_b.append(
+            {
+                "url": f"{base}/files/photos/{photos[stem].name}",
+                "text": caption,
+                "width": 384,
+                "height": 384,
+            }
+        )
     failures = {
         "404": "aerial view of a missing harbour",
         "500": "satellite image of a broken server farm",
@@ -121,7 +140,7 @@ def write_demo_metadata(folder: Path, base: str) -> dict[str, list[Path]]:
         {**r, "text": r["text"].replace("(tile", "(copy of tile")} for r in laion_a[:4]
     ]
     path = folder / "coyo-part-00000.csv"
-    pa.csv.write_csv(
+    pacsv.write_csv(
         pa.table(
             {
                 "id": list(range(1, len(coyo) + 1)),
@@ -176,12 +195,12 @@ min_side = 16
 [embed]
 model_name = "rs5m-tiny-vit"    # random weights: nothing pretrained can be downloaded here
 pretrained = ""
-checkpoint = "{models['checkpoint']}"
+checkpoint = "{models["checkpoint"]}"
 batch_size = 32
 
 [outliers]
 rule = "detector"                # a random backbone's image-text score means nothing
-detector_path = "{models['detector']}"
+detector_path = "{models["detector"]}"
 
 [shard]
 samples_per_shard = 16

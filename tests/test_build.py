@@ -61,7 +61,9 @@ def _build(cfg_path: Path, root: Path) -> dict:
     from flows.build import build_flow
 
     cfg = load_config(cfg_path)
-    return build_flow(config=cfg.model_dump(mode="json", by_alias=True), root=str(root), show_progress=False)
+    return build_flow(
+        config=cfg.model_dump(mode="json", by_alias=True), root=str(root), show_progress=False
+    )
 
 
 def test_incremental_build_through_prefect(tmp_path, prefect_server):
