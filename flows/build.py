@@ -59,7 +59,7 @@ def publish_geo_statistics(root: DatasetRoot) -> dict[str, Any] | None:
     with catalog.connect(root, persistent=False) as con:
         if not con.execute(
             "SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [GEOTAG]
-        ).fetchone()[0]:
+        ).fetchall()[0][0]:
             return None
         samples = root.join("shards", "samples.parquet")
         if root.exists(samples):

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+DEMO_PORT = 47_611
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 IMAGES = DEMO_DATA / "images"
 
@@ -69,6 +70,17 @@ def _rows(base: str, tiles: list[Path], start: int, stop: int) -> list[dict[str,
     return rows
 
 
+def _write_if_changed(path: Path, write: Any) -> None:
+    """Write through ``write(tmp_path)``; replace ``path`` only if the bytes differ, so that an
+    unchanged metadata file keeps its fingerprint and the rebuild skips it."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    if path.exists() and path.read_bytes() == tmp.read_bytes():
+        tmp.unlink()
+    else:
+        tmp.replace(path)
+
+
 def write_demo_metadata(folder: Path, base: str) -> dict[str, list[Path]]:
     """LAION-format parquet files and a COYO-format CSV pointing at ``base``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,46 +125,42 @@ def write_demo_metadata(folder: Path, base: str) -> dict[str, list[Path]]:
         laion_b.append({"url": f"{base}/special/{name}", "text": caption, "width": 0, "height": 0})
     for name, caption in {
         "problems/truncated.jpg": "aerial view of a truncated download",
-        "problems/tiny_1x1.png": "satellite image one pixel wide",
+        "problems/one_pixel.png": "satellite image one pixel wide",
         "problems/bomb.png": "aerial mosaic of enormous size",
     }.items():
         laion_b.append({"url": f"{base}/files/{name}", "text": caption, "width": 0, "height": 0})
 
     paths: dict[str, list[Path]] = {"laion": [], "coyo": []}
     for i, rows in enumerate((laion_a, laion_b)):
-        path = folder / f"laion-part-{i:05d}.parquet"
-        pq.write_table(
-            pa.table(
-                {
-                    "URL": [r["url"] for r in rows],
-                    "TEXT": [r["text"] for r in rows],
-                    "WIDTH": [r["width"] for r in rows],
-                    "HEIGHT": [r["height"] for r in rows],
-                    "similarity": [0.3] * len(rows),
-                }
-            ),
-            path,
+        table = pa.table(
+            {
+                "URL": [r["url"] for r in rows],
+                "TEXT": [r["text"] for r in rows],
+                "WIDTH": [r["width"] for r in rows],
+                "HEIGHT": [r["height"] for r in rows],
+                "similarity": [0.3] * len(rows),
+            }
         )
+        path = folder / f"laion-part-{i:05d}.parquet"
+        _write_if_changed(path, lambda tmp, t=table: pq.write_table(t, tmp))
         paths["laion"].append(path)
 
     # COYO: the remaining tiles, plus copies of LAION's (cross-source duplicates)
     coyo = _rows(base, tiles, 30, 40) + [
         {**r, "text": r["text"].replace("(tile", "(copy of tile")} for r in laion_a[:4]
     ]
-    path = folder / "coyo-part-00000.csv"
-    pacsv.write_csv(
-        pa.table(
-            {
-                "id": list(range(1, len(coyo) + 1)),
-                "url": [r["url"] for r in coyo],
-                "text": [r["text"] for r in coyo],
-                "width": [r["width"] for r in coyo],
-                "height": [r["height"] for r in coyo],
-                "clip_similarity_vitb32": [0.3] * len(coyo),
-            }
-        ),
-        path,
+    table = pa.table(
+        {
+            "id": list(range(1, len(coyo) + 1)),
+            "url": [r["url"] for r in coyo],
+            "text": [r["text"] for r in coyo],
+            "width": [r["width"] for r in coyo],
+            "height": [r["height"] for r in coyo],
+            "clip_similarity_vitb32": [0.3] * len(coyo),
+        }
     )
+    path = folder / "coyo-part-00000.csv"
+    _write_if_changed(path, lambda tmp: pacsv.write_csv(table, tmp))
     paths["coyo"].append(path)
     return paths
 
@@ -198,6 +206,10 @@ pretrained = ""
 checkpoint = "{models["checkpoint"]}"
 batch_size = 32
 
+[dedup]
+# a random backbone maps every image to nearly the same embedding: only copies count as alike
+embedding_threshold = 0.99999
+
 [outliers]
 rule = "detector"                # a random backbone's image-text score means nothing
 detector_path = "{models["detector"]}"
@@ -240,7 +252,9 @@ def run_demo(root: str, show_progress: bool = True) -> int:
     work = root_path.parent / f"{root_path.name}-inputs"
     site = prepare_site(work / "www")
     models = prepare_models(work / "models", site / "eurosat", site / "photos")
-    with ImageServer(site) as server:
+    # A fixed preferred port keeps the URLs, hence the sample ids, the same from one demo run
+    # to the next, so that a second run shows the incremental rebuild doing nothing.
+    with ImageServer(site, port=DEMO_PORT) as server:
         base = server.base_url.rstrip("/")
         write_demo_metadata(work / "metadata", base)
         config_path = work / "build.toml"

@@ -164,8 +164,8 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024
     allow_reuse_address = True
 
-    def __init__(self, folder: Path, verbose: bool):
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, folder: Path, verbose: bool, port: int = 0):
+        super().__init__(("127.0.0.1", port), _Handler)
         self.folder = folder
         self.verbose = verbose
         self.requests = 0
@@ -189,13 +189,17 @@ class _Server(ThreadingHTTPServer):
 
 
 class ImageServer:
-    """Serve ``folder`` on 127.0.0.1 at a free port, in a background thread."""
+    """Serve ``folder`` on 127.0.0.1 in a background thread, at ``port`` or, when that is 0
+    or taken, at a free port."""
 
     SPECIAL: ClassVar[tuple[str, ...]] = SPECIAL_ROUTES
 
-    def __init__(self, folder: str | os.PathLike[str], verbose: bool = False):
+    def __init__(self, folder: str | os.PathLike[str], verbose: bool = False, port: int = 0):
         self.folder = Path(folder).resolve()
-        self._server = _Server(self.folder, verbose)
+        try:
+            self._server = _Server(self.folder, verbose, port)
+        except OSError:  # the preferred port is taken
+            self._server = _Server(self.folder, verbose, 0)
         self._thread: threading.Thread | None = None
 
     @property

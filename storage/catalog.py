@@ -109,7 +109,7 @@ def _has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     return bool(
         con.execute(
             "SELECT count(*) FROM duckdb_views() WHERE view_name = ? AND NOT internal", [name]
-        ).fetchone()[0]
+        ).fetchall()[0][0]
     )
 
 
