@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-detector", help="train the remote-sensing image detector")
     p.add_argument("--positive", nargs="+", required=True, help="folders of remote-sensing images")
     p.add_argument("--negative", nargs="+", required=True, help="folders of other images")
-    p.add_argument("--out", required=True, help="where to save the detector (.json)")
+    p.add_argument("--out", required=True, help="where to save the detector (.npz)")
     p.add_argument("--config", help="build config: its [embed] backbone is used")
     p.add_argument("--model", help="open_clip model name (overrides the config)")
     p.add_argument("--checkpoint", help="local checkpoint (overrides the config)")

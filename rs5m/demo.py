@@ -21,16 +21,16 @@ DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 IMAGES = DEMO_DATA / "images"
 
 CLASS_CAPTIONS = {
-    "AnnualCrop": "Sentinel-2 satellite image of annual crop fields",
-    "Forest": "aerial view of a dense forest",
-    "HerbaceousVegetation": "satellite view of herbaceous vegetation and scrubland",
-    "Highway": "aerial photo of a highway crossing farmland",
-    "Industrial": "satellite image of an industrial area with warehouses",
-    "Pasture": "aerial view of green pastures",
-    "PermanentCrop": "Sentinel-2 image of orchards and vineyards",
-    "Residential": "aerial view of a residential neighbourhood",
-    "River": "satellite image of a river winding through fields",
-    "SeaLake": "aerial view of a lake shore",
+    "AnnualCrop": "Sentinel-2 satellite image of annual crop fields near Toulouse, France",
+    "Forest": "aerial view of a dense forest in Finland",
+    "HerbaceousVegetation": "satellite view of herbaceous vegetation and scrubland in Portugal",
+    "Highway": "aerial photo of a highway crossing farmland near Lyon",
+    "Industrial": "satellite image of an industrial area with warehouses in Rotterdam",
+    "Pasture": "aerial view of green pastures in Ireland",
+    "PermanentCrop": "Sentinel-2 image of orchards and vineyards near Valencia, Spain",
+    "Residential": "aerial view of a residential neighbourhood in Berlin",
+    "River": "satellite image of the Danube winding through fields near Budapest",
+    "SeaLake": "aerial view of the shore of Lake Geneva near Lausanne",
 }
 PHOTO_CAPTIONS = {
     "astronaut": "portrait of an astronaut in front of the flag",
@@ -229,7 +229,7 @@ def prepare_models(folder: Path, eurosat: Path, photos: Path) -> dict[str, str]:
     checkpoint = folder / "rs5m-tiny-vit.pt"
     if not checkpoint.exists():
         create_random_checkpoint("rs5m-tiny-vit", str(checkpoint), seed=0)
-    detector = folder / "rs-detector.json"
+    detector = folder / "rs-detector.npz"
     if not detector.exists():
         train_detector_flow(
             positive_dirs=[str(eurosat)],
