@@ -213,7 +213,7 @@ def relation_sql(adapter: SourceAdapter, path: str, fmt: FileFormat) -> str:
     """A DuckDB table function reading ``path`` with every column as published."""
     lit = "'" + path.replace("'", "''") + "'"
     if fmt == "parquet":
-        return f"read_parquet({lit})"
+        return f"read_parquet({lit}, file_row_number=true)"
     delim = "\\t" if fmt == "tsv" else ","
     opts = [f"delim='{delim}'", "strict_mode=false", "parallel=true"]
     if fmt == "tsv":

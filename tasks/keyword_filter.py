@@ -122,24 +122,33 @@ class KeywordFilterStage(Stage):
             else "NULL::BIGINT"
         )
         where = f" WHERE {a.filter}" if a.filter and _cols_in(a.filter, present) else ""
+        row = ", file_row_number AS _row" if "file_row_number" in present else ", NULL AS _row"
         return (
             f"SELECT {source} AS source, {part} AS partition, ({a.url})::VARCHAR AS url, "
-            f"({a.caption})::VARCHAR AS caption, {width} AS width, {height} AS height{extras} "
-            f"FROM {relation}{where}"
+            f"({a.caption})::VARCHAR AS caption, {width} AS width, {height} AS height{extras}"
+            f"{row} FROM {relation}{where}"
         )
 
     def _hits_sql(self, mapped: str) -> str:
+        """Rows that match (or are too long to try), then their uid and keywords.
+
+        The filter runs inside the scan; the hits are compacted (ordered by their row in the
+        file, which also fixes the output order) before the keyword lists are built, which
+        costs far less than building them in the sparse vectors the filter leaves."""
         keep = self.vocab.sql_keep("caption")
         too_long = f"length(caption) > {self.max_caption_chars}"
         matched = self.vocab.sql_matched("caption")
+        hits = (
+            f"SELECT * FROM ({mapped}) WHERE caption IS NOT NULL AND (CASE WHEN {too_long} "
+            f"THEN true ELSE {keep} END) ORDER BY _row"
+        )
         return (
             f"SELECT {uid_sql('__SOURCE__')} AS uid, source, partition, url, caption, width, "
             f"height, CASE WHEN {too_long} THEN []::VARCHAR[] ELSE {matched}"
-            " END AS keywords, * EXCLUDE (source, partition, url, caption, width, height), "
+            " END AS keywords, * EXCLUDE (source, partition, url, caption, width, height, _row), "
             f"CASE WHEN {too_long} THEN 'caption_too_long' "
             "WHEN nullif(trim(url), '') IS NULL THEN 'missing_url' END AS _drop "
-            f"FROM ({mapped}) WHERE caption IS NOT NULL AND (CASE WHEN {too_long} THEN true "
-            f"ELSE {keep} END)"
+            f"FROM ({hits})"
         ).replace("'__SOURCE__'", "source")
 
     # -- errors that name the file and the column ----------------------------------------------
