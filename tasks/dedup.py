@@ -65,6 +65,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from schemas.dedup_config import DedupConfig
+from schemas.embeddings import float16_lists, lists_to_matrix
 from schemas.tables import DECISIONS, DEDUP, FEATURES, KEYWORD_FILTER, VALIDATE
 from storage.root import DatasetRoot
 from storage.stage import Stage, StageContext, StageResult, dumps_detail
@@ -585,7 +586,7 @@ class DedupIndex:
         key = self._entry_key(pid, entry)
         if key not in self._parts:
             table = self.root.read_table(posixpath_join(self.dir, entry["file"]))
-            emb = _matrix(table.column("image_embedding"), np.float16)
+            emb = lists_to_matrix(table.column("image_embedding"), np.float16)
             self._parts[key] = (
                 table.column("uid").to_numpy().astype(np.uint64),
                 table.column("phash").to_numpy().astype(np.uint64),
@@ -658,7 +659,7 @@ class DedupIndex:
             {
                 "uid": pa.array(kept.uid, pa.uint64()),
                 "phash": pa.array(kept.phash, pa.uint64()),
-                "image_embedding": _float16_lists(emb16),
+                "image_embedding": float16_lists(emb16),
             },
             schema=_INDEX_SCHEMA,
         )
@@ -763,7 +764,7 @@ def load_items(ctx: StageContext, cfg: DedupConfig) -> Items:
     uid = feats.column("uid").to_numpy().astype(np.uint64)
     phash = feats.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
     if cfg.use_embedding:
-        emb = _normalise(_matrix(feats.column("image_embedding"), np.float32))
+        emb = _normalise(lists_to_matrix(feats.column("image_embedding"), np.float32))
     else:
         emb = np.zeros((len(uid), 0), np.float32)
     size = ctx.read_input(VALIDATE, columns=["uid", "width", "height"])
@@ -841,28 +842,6 @@ def _cat(arrays: list[np.ndarray], dtype=np.int64) -> np.ndarray:
 
 def _empty_pairs(dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, dtype)
-
-
-def _matrix(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    n = len(column)
-    if n == 0:
-        return np.zeros((0, 0), dtype)
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    if flat.size == 0:
-        return np.zeros((n, 0), dtype)
-    return flat.reshape(n, -1).astype(dtype, copy=False)
-
-
-def _float16_lists(matrix: np.ndarray) -> pa.ListArray:
-    matrix = np.ascontiguousarray(matrix, dtype=np.float16)
-    n = matrix.shape[0]
-    d = matrix.shape[1] if matrix.ndim == 2 else 0
-    offsets = pa.array(
-        np.arange(0, (n + 1) * d, d, dtype=np.int32) if d else np.zeros(n + 1, np.int32)
-    )
-    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), pa.float16()))
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

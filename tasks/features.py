@@ -28,29 +28,11 @@ import pyarrow as pa
 from PIL import Image
 
 from schemas.dedup_config import EmbedConfig, PhashConfig
+from schemas.embeddings import float16_lists
 from schemas.tables import FEATURES, FEATURES_TABLE, KEYWORD_FILTER, VALIDATE
 from storage.stage import Stage, StageContext, StageResult
 from tasks.embed import ClipEmbedder, weights_identity
 from tasks.phash import iter_tar_images, iter_tar_members, phash_bytes, phash_image
-
-
-def float16_lists(matrix: np.ndarray) -> pa.ListArray:
-    """An ``(n, d)`` array as an Arrow ``list<float16>`` column."""
-    matrix = np.ascontiguousarray(matrix, dtype=np.float16)
-    n, d = matrix.shape
-    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1), pa.float16()))
-
-
-def lists_to_matrix(column: pa.ChunkedArray | pa.Array, dtype=np.float32) -> np.ndarray:
-    """A ``list<float16>`` column (all rows the same length) back to an ``(n, d)`` array."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    n = len(column)
-    if n == 0:
-        return np.zeros((0, 0), dtype)
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(n, -1).astype(dtype, copy=False)
 
 
 class FeaturesStage(Stage):

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from schemas.embeddings import lists_to_masked_matrix as embeddings_to_numpy
 from schemas.outliers_config import OutliersConfig, Rule
 from schemas.tables import DECISIONS, DEDUP, FEATURES, OUTLIERS
 from storage.stage import Stage, StageContext, StageResult, dumps_detail
@@ -43,34 +44,6 @@ MISSING = "missing_embedding"
 
 
 # -- plain functions over arrays -----------------------------------------------------------------
-def embeddings_to_numpy(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """A ``list<float16>`` column as a float32 ``(n, d)`` array and a mask of the valid rows.
-
-    Null or empty rows become zero rows (masked out); all valid rows must share one length.
-    """
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
-    n = len(column)
-    if n == 0:
-        return np.zeros((0, 0), np.float32), np.zeros(0, bool)
-    if pa.types.is_fixed_size_list(column.type):
-        column = column.cast(pa.list_(column.type.value_type))
-    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
-    valid = lengths > 0
-    dims = set(np.unique(lengths[valid]).tolist())
-    if len(dims) > 1:
-        raise ValueError(f"embeddings of different lengths in one column: {sorted(dims)}")
-    dim = dims.pop() if dims else 0
-    if valid.all():  # the usual case: one conversion, no masked copies
-        flat = column.flatten().to_numpy(zero_copy_only=False)
-        return flat.astype(np.float32).reshape(n, dim), valid
-    out = np.zeros((n, dim), np.float32)
-    if dim:
-        flat = column.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
-        out[valid] = flat.astype(np.float32).reshape(-1, dim)
-    return out, valid
-
-
 def clip_scores(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity (rows re-normalised: float16 storage shifts norms a little)."""
     a = np.asarray(image_emb, np.float32)
