@@ -225,3 +225,44 @@ def test_stats_formats():
     assert "1,000" in table
     assert format_rows(rows, cols, "csv").splitlines()[1] == "a,1000,10,"
     assert json.loads(format_rows(rows, cols, "json"))[0]["downloaded"] is None
+
+
+def test_retry_failed_refetches_transient_failures_through_the_build(tmp_path, prefect_server):
+    from rs5m.demo import IMAGES
+    from rs5m.image_server import ImageServer
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    with ImageServer(IMAGES) as srv:
+        urls = [
+            srv.url("eurosat/Forest_1.jpg"),
+            srv.url("eurosat/River_1.jpg"),
+            srv.special("flaky", id="retry-test", fail=1, file="eurosat/Pasture_1.jpg"),
+            srv.special("404"),
+        ]
+        pq.write_table(
+            pa.table({"URL": urls, "TEXT": [f"aerial view number {i}" for i in range(4)]}),
+            meta / "part-0.parquet",
+        )
+        cfg = tmp_path / "build.toml"
+        cfg.write_text(
+            '[[sources]]\nname = "laion2b"\nformat = "laion2b"\npaths = ["meta/*.parquet"]\n'
+            '[download]\nallow_hosts = ["127.0.0.1"]\nthread_count = 4\ntimeout = 5\n'
+            '[run]\nstages = ["keyword_filter", "download", "validate"]\n'
+        )
+        from flows.build import build_flow
+
+        config = load_config(cfg).model_dump(mode="json", by_alias=True)
+        first = build_flow(config=config, root=str(tmp_path / "root"), show_progress=False)
+        stats = first["statistics"][0]
+        assert (stats["after_keyword_filter"], stats["downloaded"]) == (4, 2)
+
+        plain = build_flow(config=config, root=str(tmp_path / "root"), show_progress=False)
+        assert plain["processed_partitions"] == 0  # a plain rebuild does not refetch
+
+        retried = build_flow(
+            config=config, root=str(tmp_path / "root"), show_progress=False, retry_failed=True
+        )
+    stats = retried["statistics"][0]
+    assert (stats["after_keyword_filter"], stats["downloaded"]) == (4, 3)  # the 404 stays failed
+    assert retried["stages"]["validate"]["done"] == 1  # downstream reran on the changed output
