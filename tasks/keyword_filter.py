@@ -11,6 +11,7 @@ from typing import Any
 
 import duckdb
 import fsspec
+import pyarrow.parquet as pq
 
 from schemas.sources import SourceAdapter, detect_format, get_adapter, relation_sql
 from schemas.tables import KEYWORD_FILTER
@@ -90,15 +91,10 @@ class KeywordFilterStage(Stage):
                 f"SELECT uid, _drop AS reason, json_object('url', url, 'caption_chars', "
                 f"length(caption)) AS detail FROM read_parquet('{hits}') WHERE _drop IS NOT NULL"
             ).to_arrow_table()
-            missing = self._scalar(
-                con,
-                path,
-                f"SELECT count(*) FROM ({mapped}) WHERE nullif(trim(caption), '') IS NULL",
-            )
         return StageResult(
             output=out,
             removed=removed,
-            counts={"rows_in": rows_in, "caption_missing": missing},
+            counts={"rows_in": rows_in, **self._null_captions(path)},
         )
 
     # -- SQL -----------------------------------------------------------------------------------
@@ -150,6 +146,24 @@ class KeywordFilterStage(Stage):
             "WHEN nullif(trim(url), '') IS NULL THEN 'missing_url' END AS _drop "
             f"FROM ({hits})"
         ).replace("'__SOURCE__'", "source")
+
+    def _null_captions(self, path: str) -> dict[str, int]:
+        """Null captions of a parquet file, from its statistics (no scan); {} otherwise."""
+        if detect_format(path) != "parquet" or self.adapter.caption.count('"') != 2:
+            return {}
+        column = self.adapter.caption.strip('"')
+        try:
+            with fsspec.open(path, "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+                idx = meta.schema.to_arrow_schema().get_field_index(column)
+                nulls = [
+                    meta.row_group(i).column(idx).statistics for i in range(meta.num_row_groups)
+                ]
+        except Exception:  # statistics are a convenience, never a reason to fail
+            return {}
+        if idx < 0 or any(s is None or not s.has_null_count for s in nulls):
+            return {}
+        return {"caption_null": sum(s.null_count for s in nulls)}
 
     # -- errors that name the file and the column ----------------------------------------------
     def _check_columns(
