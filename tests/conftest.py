@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 
-for _key, _value in {
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-}.items():
-    os.environ.setdefault(_key, _value)
+from rs5m.cli import OFFLINE_ENV
+
+for _key, _value in OFFLINE_ENV.items():
+    if _key != "PREFECT_LOGGING_LEVEL":  # tests keep Prefect's own logs
+        os.environ.setdefault(_key, _value)
 
 PROJECT = Path(__file__).resolve().parents[1]
 FIXTURES = PROJECT.parent / "shared" / "fixtures"
