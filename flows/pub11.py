@@ -12,7 +12,7 @@ from flows.runner import run_stage, summary_line
 from schemas.config import BuildConfig
 from schemas.tables import DOWNLOAD
 from storage.root import DatasetRoot
-from storage.stage import Outcome, Partition
+from storage.stage import Outcome, Partition, summarize
 
 
 @task(name="retry-failed-downloads", task_run_name="retry {partition_id}")
@@ -86,10 +86,4 @@ def pub11_flow(
 
     cfg = BuildConfig.model_validate(config)
     results = run_pub11(DatasetRoot(root), cfg, discover(cfg), show_progress, retry_failed)
-    return {stage: _counts(outs) for stage, outs in results.items()}
-
-
-def _counts(outcomes: Sequence[Outcome]) -> dict[str, int]:
-    from storage.stage import summarize
-
-    return summarize(outcomes)
+    return {stage: summarize(outs) for stage, outs in results.items()}

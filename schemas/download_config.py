@@ -1,15 +1,9 @@
-"""Typed settings of the download stage (img2dataset) and of the validate stage (Pillow), and the
-schema of the validate stage's output table.
-
-``VALIDATED`` lives here (not in ``tasks/validate.py``) so that later stages (shard) can import it
-without importing another stage's module; it may move to ``schemas/tables.py``.
-"""
+"""Typed settings of the download stage (img2dataset) and of the validate stage (Pillow)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 # Error classes of a failed download. Transient ones are refetched by ``--retry-failed``.
@@ -83,21 +77,3 @@ class ValidateConfig(BaseModel):
     jpeg_quality: int = Field(95, ge=1, le=100)  # re-encoding of normalised JPEG sources
     # Normalised images: JPEG sources are re-encoded as JPEG, others as PNG (lossless).
     normalized_format: Literal["auto", "jpg", "png"] = "auto"
-
-
-VALIDATED = pa.schema(
-    [
-        pa.field("uid", pa.uint64(), nullable=False),
-        pa.field("width", pa.int64()),  # of the final (normalised) image
-        pa.field("height", pa.int64()),
-        pa.field("mode", pa.string()),  # final Pillow mode: RGB or L
-        pa.field("original_mode", pa.string()),
-        pa.field("format", pa.string()),  # of the final bytes: jpg, png, webp, gif, tiff, ...
-        pa.field("normalized", pa.string()),  # steps applied (e.g. "cmyk,exif_transpose") or null
-        pa.field("tar", pa.string()),  # tar holding the final bytes, relative to the dataset root
-        pa.field("key", pa.string()),  # webdataset key inside that tar
-        pa.field("member", pa.string()),  # exact tar member name of the image bytes
-        pa.field("sha256", pa.string()),  # of the final bytes
-        pa.field("bytes", pa.int64()),
-    ]
-)

@@ -68,6 +68,24 @@ DOWNLOADS = pa.schema(
     ]
 )
 
+# After validation: where the final (original or normalised) bytes of each valid image are.
+VALIDATED = pa.schema(
+    [
+        pa.field("uid", pa.uint64(), nullable=False),
+        pa.field("width", pa.int64()),  # of the final (normalised) image
+        pa.field("height", pa.int64()),
+        pa.field("mode", pa.string()),  # final Pillow mode: RGB or L
+        pa.field("original_mode", pa.string()),
+        pa.field("format", pa.string()),  # of the final bytes: jpg, png, webp, gif, tiff, ...
+        pa.field("normalized", pa.string()),  # steps applied (e.g. "cmyk,exif_transpose") or null
+        pa.field("tar", pa.string()),  # tar holding the final bytes, relative to the dataset root
+        pa.field("key", pa.string()),  # webdataset key inside that tar
+        pa.field("member", pa.string()),  # exact tar member name of the image bytes
+        pa.field("sha256", pa.string()),  # of the final bytes
+        pa.field("bytes", pa.int64()),
+    ]
+)
+
 FEATURES_TABLE = pa.schema(
     [
         pa.field("uid", pa.uint64(), nullable=False),

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,14 +25,24 @@ STATS_COLUMNS = (
     "remain",
 )
 _SOURCE_FROM_PATH = r"regexp_extract(filename, '/stages/[^/]+/([^/]+)/[^/]+\.parquet$', 1)"
-_MARKER_COLUMNS = (
-    "{'stage': 'VARCHAR', 'source': 'VARCHAR', 'partition': 'VARCHAR', 'raw_input': 'VARCHAR',"
-    " 'fingerprint': 'VARCHAR', 'counts': 'JSON', 'seconds': 'DOUBLE', 'committed_at': 'DOUBLE'}"
-)
-_FAILURE_COLUMNS = (
-    "{'stage': 'VARCHAR', 'source': 'VARCHAR', 'partition': 'VARCHAR', 'raw_input': 'VARCHAR',"
-    " 'error': 'VARCHAR', 'failed_at': 'DOUBLE'}"
-)
+_MARKER_COLUMNS = {
+    "stage": "VARCHAR",
+    "source": "VARCHAR",
+    "partition": "VARCHAR",
+    "raw_input": "VARCHAR",
+    "fingerprint": "VARCHAR",
+    "counts": "JSON",
+    "seconds": "DOUBLE",
+    "committed_at": "DOUBLE",
+}
+_FAILURE_COLUMNS = {
+    "stage": "VARCHAR",
+    "source": "VARCHAR",
+    "partition": "VARCHAR",
+    "raw_input": "VARCHAR",
+    "error": "VARCHAR",
+    "failed_at": "DOUBLE",
+}
 
 
 def connect(root: DatasetRoot, persistent: bool = True) -> duckdb.DuckDBPyConnection:
@@ -86,23 +95,15 @@ def refresh_views(con: duckdb.DuckDBPyConnection, root: DatasetRoot) -> list[str
     ):
         if root.glob(f"{STAGES_DIR}/*/*/*.{suffix}.json"):
             pattern = root.query_url(root.join(STAGES_DIR, "*", "*", f"*.{suffix}.json"))
+            spec = "{" + ", ".join(f"'{n}': '{t}'" for n, t in columns.items()) + "}"
             con.execute(
                 f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_json({_lit(pattern)}, "
-                f"columns={columns}, format='auto')"
+                f"columns={spec}, format='auto')"
             )
         else:
-            cols = ", ".join(f"NULL::{t.strip()} AS {n.strip()}" for n, t in _pairs(columns))
+            cols = ", ".join(f"NULL::{t} AS {n}" for n, t in columns.items())
             con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {cols} WHERE false")
     return created
-
-
-def _pairs(columns: str) -> list[tuple[str, str]]:
-    inner = columns.strip("{} ")
-    out = []
-    for item in inner.split(","):
-        name, typ = item.split(":")
-        out.append((name.strip(" '"), typ.strip(" '")))
-    return out
 
 
 def _has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
@@ -234,7 +235,3 @@ def write_plan(root: DatasetRoot, stages: list[str], partitions: list[dict[str, 
     root.write_json(
         root.join("builds", "latest.json"), {"stages": stages, "partitions": partitions}
     )
-
-
-def dumps_rows(rows: list[dict[str, Any]]) -> str:
-    return json.dumps(rows, indent=1)

@@ -132,19 +132,6 @@ def partition_fingerprint(root: DatasetRoot, stage: Stage, part: Partition) -> s
     return fingerprint(stage.name, stage.version, stage.params(), digests)
 
 
-def is_current(root: DatasetRoot, stage: Stage, part: Partition) -> bool:
-    try:
-        fp = partition_fingerprint(root, stage, part)
-    except (UpstreamNotReady, FileNotFoundError):
-        return False
-    marker = root.read_json(root.marker_path(stage.name, part.source, part.name))
-    return (
-        marker is not None
-        and marker.get("fingerprint") == fp
-        and root.exists(root.output_path(stage.name, part.source, part.name))
-    )
-
-
 def _ledger_table(removed: pa.Table | None, stage: str, part: Partition) -> pa.Table:
     if removed is None or removed.num_rows == 0:
         return LEDGER.empty_table()

@@ -7,6 +7,7 @@ source adapter maps the published columns onto the candidates table, the vocabul
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import duckdb
@@ -221,8 +222,6 @@ def _num(column: str) -> str:
 
 def _cols_in(expr: str, present: dict[str, str]) -> bool:
     """Whether every quoted column an expression names exists in the file."""
-    import re
-
     return all(c in present for c in re.findall(r'"([^"]+)"', expr))
 
 

@@ -11,7 +11,7 @@ float, ...) becomes 8-bit RGB; an EXIF orientation other than 1 is applied; a fo
 JPEG, PNG or WebP is re-encoded. Only such images are re-encoded (JPEG sources as JPEG, others as
 lossless PNG) into this stage's own tar, ``stages/validate/<source>/<partition>/
 normalized-<fingerprint>.tar`` (members ``<uid hex>.<ext>``); every other image keeps its
-original bytes in the download tar. The output (``schemas.download_config.VALIDATED``) says per
+original bytes in the download tar. The output (``schemas.tables.VALIDATED``) says per
 uid which ``tar`` and ``member`` hold the final bytes.
 """
 
@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from schemas.download_config import VALIDATED, ValidateConfig
-from schemas.tables import DOWNLOAD, VALIDATE
+from schemas.download_config import ValidateConfig
+from schemas.tables import DOWNLOAD, VALIDATE, VALIDATED
 from storage.stage import (
     Stage,
     StageContext,

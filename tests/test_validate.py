@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from rs5m.image_server import decompression_bomb_png, write_problem_images
-from schemas.download_config import VALIDATED, ValidateConfig
-from schemas.tables import DOWNLOAD, DOWNLOADS, KEYWORD_FILTER, VALIDATE
+from schemas.download_config import ValidateConfig
+from schemas.tables import DOWNLOAD, DOWNLOADS, KEYWORD_FILTER, VALIDATE, VALIDATED
 from storage.root import DatasetRoot
 from storage.stage import Partition, Stage, StageContext, StageResult, run_partition
 from tasks.validate import InvalidImage, ValidateStage, check_image
